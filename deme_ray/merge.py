@@ -15,15 +15,14 @@ import shutil
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Mapping, Sequence
+from typing import Iterable, Iterator, Literal, Mapping, Sequence
 
 import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 from torch import Tensor
 
 from .errors import DemeError
 from .model import WEIGHTS_NAME, atomic_directory, publish
+from .tensor_io import SafetensorsReader, SafetensorsWriter
 
 CONFIG_NAME = "config.json"
 SCHEDULER_CONFIG_NAME = "scheduler_config.json"
@@ -137,22 +136,24 @@ def _sparsify(
 
 def _add_task_vectors(
     base: Tensor,
-    task_vectors: Mapping[int, Tensor],
+    task_vectors: Iterable[tuple[int, Tensor]],
     weights: Sequence[float],
     method: MergeMethod,
     density: float,
     seed: int,
     name: str,
 ) -> Tensor:
-    """base + merged delta, cast back to the base dtype. ``task_vectors`` holds the nonzero-weight
-    experts keyed by expert index (DARE seeds by index, so dropping zero weights changes nothing)."""
-    if not task_vectors:
-        return base.clone()
+    """base + merged delta, cast back to the base dtype. ``task_vectors`` yields (expert index, tau)
+    for the nonzero-weight experts (DARE seeds by index, so skipping zero weights changes nothing);
+    without sign election they are consumed one at a time, so a lazy iterable keeps one in memory."""
     merged = base.to(_compute_dtype(base), copy=True)
-    sparse = {i: _sparsify(tv, method, density, seed, name, i) for i, tv in task_vectors.items()}
+    sparse = ((i, _sparsify(tv, method, density, seed, name, i)) for i, tv in task_vectors)
     if not method.sign_consensus:
-        for i, tv in sparse.items():
+        for i, tv in sparse:
             merged.add_(tv, alpha=weights[i])
+        return merged.to(base.dtype)
+    sparse = dict(sparse)
+    if not sparse:
         return merged.to(base.dtype)
     expert_weights = torch.tensor([weights[i] for i in sparse], dtype=merged.dtype, device=merged.device)
     expert_weights = expert_weights.view(-1, *([1] * base.dim()))
@@ -183,10 +184,16 @@ def merge_tensor(
     density = check_density(density)
     if not base.is_floating_point():
         return base.clone()
+    return _add_task_vectors(base, _deltas(base, experts, weights), weights, method, density, seed, name)
+
+
+def _deltas(base: Tensor, experts: Iterable[Tensor], weights: Sequence[float]) -> Iterator[tuple[int, Tensor]]:
+    """(i, theta_i - theta) for the nonzero-weight experts, computed as they are asked for."""
     compute = _compute_dtype(base)
     base_compute = base.to(compute)
-    deltas = {i: expert.to(compute) - base_compute for i, (expert, w) in enumerate(zip(experts, weights)) if w != 0}
-    return _add_task_vectors(base, deltas, weights, method, density, seed, name)
+    for i, (expert, w) in enumerate(zip(experts, weights)):
+        if w != 0:
+            yield i, expert.to(compute) - base_compute
 
 
 def _shapes(state_dict: Mapping[str, Tensor]) -> dict[str, tuple]:
@@ -243,7 +250,7 @@ def merge_state_dicts(
         if not tensor.is_floating_point():
             merged[name] = tensor.clone()
             continue
-        active = {i: vector[name] for i, (vector, w) in enumerate(zip(task_vectors, weights)) if w != 0}
+        active = ((i, vector[name]) for i, (vector, w) in enumerate(zip(task_vectors, weights)) if w != 0)
         merged[name] = _add_task_vectors(tensor, active, weights, method, density, seed, name)
     return merged
 
@@ -257,20 +264,6 @@ def _weights_file(folder: Path) -> Path:
     if not weights_file.is_file():
         raise DemeError(f"{folder} has no {WEIGHTS_NAME}: point at a diffusers UNet folder saved with safetensors")
     return weights_file
-
-
-def _open_weights(stack: ExitStack, path: Path):
-    try:
-        return stack.enter_context(safe_open(str(path), framework="pt"))
-    except (SafetensorError, OSError) as exc:
-        raise DemeError(f"{path} is not a readable safetensors file ({exc}): re-save or re-copy it") from None
-
-
-def _read_tensor(handle, path: Path, name: str) -> Tensor:
-    try:
-        return handle.get_tensor(name)
-    except (SafetensorError, OSError) as exc:
-        raise DemeError(f"cannot read tensor {name!r} from {path} ({exc}): re-save or re-copy the file") from None
 
 
 def model_card(
@@ -331,21 +324,23 @@ def merge_folders(
         raise DemeError(f"output folder {out_dir} is one of the merge inputs: choose a new folder")
     files = [_weights_file(d) for d in inputs]
     with ExitStack() as stack:
-        handles = [_open_weights(stack, f) for f in files]
-        shapes = [{name: tuple(h.get_slice(name).get_shape()) for name in h.keys()} for h in handles]
-        for expert_file, expert_shapes in zip(files[1:], shapes[1:]):
-            _check_same_tensors(shapes[0], expert_shapes, str(expert_file), str(files[0]))
+        readers = [stack.enter_context(SafetensorsReader(f)) for f in files]
+        base_reader = readers[0]
+        for reader in readers[1:]:
+            _check_same_tensors(base_reader.shapes(), reader.shapes(), str(reader.path), str(base_reader.path))
+        layout = [(name, dtype, shape) for name, (dtype, shape, _) in base_reader.entries.items()]
         tmp = atomic_directory(out_dir)
         try:
-            merged = {}
-            for name in shapes[0]:
-                base = _read_tensor(handles[0], files[0], name)
-                experts = [  # a zero-weight expert is never read: merge_tensor skips it
-                    _read_tensor(h, f, name) if w != 0 else base
-                    for h, f, w in zip(handles[1:], files[1:], weights)
-                ]
-                merged[name] = merge_tensor(base, experts, weights, chosen, density, seed, name).contiguous()
-            save_file(merged, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+            with SafetensorsWriter(tmp / WEIGHTS_NAME, layout, metadata={"format": "pt"}) as writer:
+                for name, _, _ in layout:
+                    base = base_reader.read(name)
+                    if base.is_floating_point():
+                        # experts are read lazily, one at a time: zero-weight ones never
+                        experts = (r.read(name) if w != 0 else None for r, w in zip(readers[1:], weights))
+                        base = _add_task_vectors(
+                            base, _deltas(base, experts, weights), weights, chosen, density, seed, name
+                        )
+                    writer.write(name, base)
             shutil.copyfile(base_dir / CONFIG_NAME, tmp / CONFIG_NAME)
             if (base_dir / SCHEDULER_CONFIG_NAME).is_file():
                 shutil.copyfile(base_dir / SCHEDULER_CONFIG_NAME, tmp / SCHEDULER_CONFIG_NAME)

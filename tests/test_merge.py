@@ -244,7 +244,7 @@ def bad_folder(kind: str, folders, tmp_path):
         ("missing-tensor", r"lacks tensor '{name}' that .* has"),
         ("extra-tensor", r"has tensor 'zz\.extra' that .* lacks"),
         ("wrong-shape", r"tensor '{name}' has shape \(3, 1\) in .*wrong-shape.* but \(4,\) in .*base"),
-        ("truncated", r"truncated/diffusion_pytorch_model\.safetensors is not a readable safetensors file"),
+        ("truncated", r"truncated/diffusion_pytorch_model\.safetensors is not a valid safetensors file"),
     ],
 )
 def test_bad_expert_folders_are_named_and_leave_nothing(folders, tmp_path, kind, message):
@@ -289,7 +289,7 @@ def test_a_failed_write_keeps_the_previous_output_and_no_temp_folder(folders, tm
     def disk_full(*args, **kwargs):
         raise OSError("No space left on device")
 
-    monkeypatch.setattr("deme_ray.merge.save_file", disk_full)
+    monkeypatch.setattr("deme_ray.merge.SafetensorsWriter.write", disk_full)
     with pytest.raises(OSError, match="No space left"):
         merge_folders(base_dir, expert_dirs, [0.9, 0.9, 0.9], out)
     assert [p.name for p in tmp_path.iterdir()] == ["merged"]
