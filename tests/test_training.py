@@ -3,7 +3,8 @@
 import torch
 
 from deme_ray.data import load_images
-from deme_ray.model import copy_model, load_base
+from deme_ray.model import copy_model, load_base, with_identity_projections
+from deme_ray.pretrain import digits_unet
 from deme_ray.objective import TimestepSampler
 from deme_ray.training import ExpertTrainer, StepSettings, range_loss
 
@@ -36,13 +37,22 @@ def test_teacher_is_frozen_and_unchanged_by_training():
 
 
 def test_loss_on_the_experts_own_range_goes_down():
-    base, trainer = make_trainer(lo=0, hi=250, p_global=0.0, lr=2e-4, consistency_weight=0.0)
-    probe = trainer.images.all()[:256]
+    """From an untrained digits UNet (the converged bundled base moves by less than the probe's noise
+    in a few steps): the training loop must lower the loss on the expert's own range."""
+    base = load_base("bundled:digits", channel_projection=True)
+    images = load_images("bundled:digits", 16, 1, 0.2, "train")
+    trainer = ExpertTrainer(
+        with_identity_projections(digits_unet()), None, base.scheduler, images,
+        TimestepSampler(0, 250, 1000, p_global=0.0),
+        StepSettings(learning_rate=1e-3, batch_size=32, consistency_weight=0.0, ema_decay=0.999),
+        seed=0,
+    )
+    probe = images.all()[:256]
     before = range_loss(trainer.module, base.scheduler, probe, 0, 250, seed=3)
-    for _ in range(40):
+    for _ in range(30):
         trainer.train_step()
     after = range_loss(trainer.module, base.scheduler, probe, 0, 250, seed=3)
-    assert after < 0.97 * before, (before, after)
+    assert after < 0.5 * before, (before, after)
 
 
 def test_checkpoint_resume_is_bit_identical(tmp_path):
